@@ -1233,8 +1233,9 @@ def plugin_options() -> Any:
 
 class DevicePluginServicer(api_grpc.DevicePluginServicer):
     def __init__(self, state: DeviceState, cfg: Config, scores: Callable[[], Mapping[tuple[int, int], int]],
-                 metrics: Metrics, server_stopped: threading.Event) -> None:
+                 metrics: Metrics, server_stopped: threading.Event, on_stream_lost: Callable[[], None]) -> None:
         self._state = state
+        self._on_stream_lost = on_stream_lost
         self._cfg = cfg
         self._scores = scores
         self._metrics = metrics
@@ -1262,6 +1263,8 @@ class DevicePluginServicer(api_grpc.DevicePluginServicer):
                 snap = self._state.wait_newer(version, lambda: done.is_set() or self._server_stopped.is_set())
                 if snap is None:
                     _LOG.info("ListAndWatch: stream for %s ended", self._cfg.resource_name)
+                    if not self._server_stopped.is_set():
+                        self._on_stream_lost()
                     return
                 version = snap.version
                 yield snap.response
@@ -1499,10 +1502,10 @@ REGISTER_TIMEOUT = 10.0
 
 class PluginServer:
     def __init__(self, cfg: Config, state: DeviceState, scores: Callable[[], Mapping[tuple[int, int], int]],
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, on_stream_lost: Callable[[], None]) -> None:
         self._cfg = cfg
         self.stopped = threading.Event()
-        self.servicer = DevicePluginServicer(state, cfg, scores, metrics, self.stopped)
+        self.servicer = DevicePluginServicer(state, cfg, scores, metrics, self.stopped, on_stream_lost)
         self._state = state
         self._server: grpc.Server | None = None
         self.socket_inode: int | None = None
@@ -1549,7 +1552,8 @@ class PluginServer:
     def register(self) -> None:
         """Register with the kubelet; raises grpc.RpcError with the kubelet's reason."""
         kubelet = self._cfg.kubelet_socket
-        wait_connectable(kubelet, 2.0)
+        if not wait_connectable(kubelet, 1.0):
+            raise ConnectionRefusedError(errno.ECONNREFUSED, f"nothing accepts connections on {kubelet}")
         # A fresh channel per attempt: a shared one could sit in gRPC's reconnect backoff.
         with grpc.insecure_channel(f"unix://{kubelet}",
                                    options=[("grpc.initial_reconnect_backoff_ms", 10)]) as channel:
@@ -1591,6 +1595,7 @@ REGISTER_BACKOFF_MAX = 10.0
 HEALTH_RESTART_MAX = 30.0
 HEALTH_DOWN_LOG_INTERVAL = 10.0
 NVML_INIT_RETRY = 30.0
+STREAM_LOST_GRACE = 1.0
 
 
 class DirectoryWatch:
@@ -1665,6 +1670,8 @@ class Supervisor:
         self._health_down_log_at = 0.0
         self._nvml_retry_at: float | None = None
         self._waiting_logged = False
+        self._same_kubelet = False
+        self._stream_check_at: float | None = None
         metrics.gauges = self._gauges
 
     # -- inventory ------------------------------------------------------------------------
@@ -1770,7 +1777,7 @@ class Supervisor:
         if self.monitor.nvml_down_since is not None:
             return False, f"NVML unusable for {time.monotonic() - self.monitor.nvml_down_since:.0f} s"
         stalled = time.monotonic() - self.monitor.heartbeat
-        limit = HEALTH_WAIT_MS / 1000 * 3 + 10
+        limit = max(5.0, HEALTH_WAIT_MS / 1000 * 3)
         if stalled > limit:
             return False, f"health thread stalled for {stalled:.0f} s (an NVML call hangs?)"
         return True, "health thread alive"
@@ -1804,6 +1811,27 @@ class Supervisor:
         self.metrics.inc("health_transitions_total", gpu=uuid, to=new)
 
     # -- main loop ----------------------------------------------------------------------------
+
+    def _stream_lost(self) -> None:
+        """A gRPC thread saw the kubelet end our stream while we serve. Either the kubelet is
+        restarting (inotify will say so in a moment) or it dropped us while it keeps running
+        (kubernetes #121994 and friends): after a grace period the main loop registers again."""
+        self._stream_check_at = time.monotonic() + STREAM_LOST_GRACE
+        self._wake()
+
+    def _check_streams_lost(self, now: float) -> None:
+        if self._stream_check_at is None or now < self._stream_check_at:
+            return
+        self._stream_check_at = None
+        server = self.server
+        if server is None or server.stopped.is_set() or self._need_restart or server.servicer.streams > 0:
+            return
+        if self.registered_with is None or self.registered_with != socket_identity(self.cfg.kubelet_socket):
+            return  # not registered, or a new kubelet: the restart path handles it
+        _LOG.warning("the running kubelet dropped our ListAndWatch stream; registering again")
+        self._same_kubelet = True
+        self.registered_with = None
+        self._need_restart = True
 
     def _wake(self) -> None:
         try:
@@ -1848,6 +1876,7 @@ class Supervisor:
                     self.start_health()
             if active:
                 self._check_health_thread(now)
+                self._check_streams_lost(now)
                 if self._need_restart and watch.watching:
                     self._restart_server()
                 if self._register_at is not None and now >= self._register_at:
@@ -1875,6 +1904,8 @@ class Supervisor:
                 deadlines.append(min(self._health_restart_at, self._health_down_log_at))
             if self._need_restart:
                 deadlines.append(time.monotonic() + 0.5)
+            if self._stream_check_at is not None:
+                deadlines.append(self._stream_check_at)
         return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
 
     def _on_dir_events(self, events: list[tuple[str, int]]) -> None:
@@ -1911,7 +1942,7 @@ class Supervisor:
         self._need_restart = False
         if self.server is not None:
             self.server.stop()
-        self.server = PluginServer(self.cfg, self.state, lambda: self.scores, self.metrics)
+        self.server = PluginServer(self.cfg, self.state, lambda: self.scores, self.metrics, self._stream_lost)
         try:
             self.server.start()
         except Exception as exc:  # noqa: BLE001 (any failure to serve is retried the same way)
@@ -1920,7 +1951,10 @@ class Supervisor:
             self.server = None
             self._need_restart = True
             return
-        self._register_at = time.monotonic()
+        # Re-registering with the same kubelet (SIGHUP, a dropped stream): give it a moment to
+        # see the old stream end first, or a baseline kubelet drops the new one (#121994).
+        self._register_at = time.monotonic() + (0.05 if self._same_kubelet else 0.0)
+        self._same_kubelet = False
         self._register_delay = 0.05
 
     def _try_register(self) -> None:
@@ -1935,9 +1969,9 @@ class Supervisor:
             return
         try:
             self.server.register()  # type: ignore[union-attr]
-        except grpc.RpcError as exc:
+        except (grpc.RpcError, OSError) as exc:
             self.metrics.inc("registrations_total", result="failed")
-            reason = f"{exc.code().name}: {exc.details()}" if hasattr(exc, "code") else str(exc)
+            reason = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.RpcError) else str(exc)
             _LOG.warning("Register %s with the kubelet at %s failed (%s); retrying in %.2f s",
                          self.cfg.resource_name, kubelet, reason, self._register_delay)
             self._register_at = time.monotonic() + self._register_delay
@@ -1963,6 +1997,7 @@ class Supervisor:
             active = bool(self.state.gpus)
         if active:
             self.start_health()
+            self._same_kubelet = self.registered_with is not None
             self.registered_with = None
             self._need_restart = True
         return active

@@ -51,6 +51,7 @@ class Endpoint:
     stub: api_grpc.DevicePluginStub
     options: api.DevicePluginOptions
     stopped: bool = False
+    updates: int = 0  # ListAndWatch messages received on this connection
 
 
 @dataclass
@@ -82,6 +83,7 @@ class Kubelet:
         self.resources: dict[str, ResourceView] = {}
         self.endpoints: dict[tuple[str, str], Endpoint] = {}  # (resource, socket)
         self.current: dict[str, Endpoint] = {}  # baseline: newest client per resource
+        self._all: list[Endpoint] = []  # every connection this kubelet instance made
         self.registrations: list[api.RegisterRequest] = []
         self.register_times: list[float] = []
         self.reject_next = 0
@@ -109,7 +111,7 @@ class Kubelet:
 
     def stop(self) -> None:
         with self.cond:
-            endpoints = list(self.endpoints.values())
+            endpoints, self._all = self._all, []
             self.endpoints.clear()
             self.current.clear()
         for ep in endpoints:
@@ -164,6 +166,7 @@ class Kubelet:
             context.abort(grpc.StatusCode.UNKNOWN, f"failed to get device plugin options: {exc.details()}")
         ep = Endpoint(request.resource_name, sock, channel, stub, options)
         with self.cond:
+            self._all.append(ep)
             self.endpoints[key] = ep
             self.current[request.resource_name] = ep
             self.resources.setdefault(request.resource_name, ResourceView())
@@ -182,6 +185,7 @@ class Kubelet:
                     view = self.resources.setdefault(ep.resource, ResourceView())
                     view.devices = {d.ID: d for d in response.devices}
                     view.updates += 1
+                    ep.updates += 1
                     view.last_update = time.monotonic()
                     self.cond.notify_all()
         except grpc.RpcError:
@@ -230,7 +234,7 @@ class Kubelet:
     def wait_registered(self, count: int, resource: str = "nvidia.com/gpu", timeout: float = 10.0) -> Endpoint:
         """Wait for `count` registrations in all, a live endpoint and its first list."""
         self.wait_for(lambda: len(self.registrations) >= count and self.connected(resource) is not None
-                      and self.view(resource).updates > 0 and self.view(resource).devices,
+                      and self.connected(resource).updates > 0,
                       timeout, f"registration #{count} of {resource}")
         return self.connected(resource)
 

@@ -6,7 +6,8 @@ FAKE_NVML_CONTROL (see testkit/nvml_control.py). nvmlEventSetWait wakes the mome
 datagram arrives, so event-to-kubelet latency can be measured.
 
 Scenario keys: gpus [{uuid, name, memory, minor, bus_id, events, topology_error}],
-nvlinks [[a, b, count]], ancestors {"a,b": level}, default_ancestor, init_error.
+nvlinks [[a, b, count]], ancestors {"a,b": level}, default_ancestor, init_error,
+failures {function: [NVML error code, how many calls fail]}.
 """
 
 from __future__ import annotations
@@ -115,6 +116,8 @@ def _load() -> None:
         raise NVMLError(NVML_ERROR_LIBRARY_NOT_FOUND)
     with open(path) as fh:
         _scenario = json.load(fh)
+    for fn, (code, count) in _scenario.get("failures", {}).items():
+        _state["failures"][fn] = (code, count)
     ctl = os.environ.get("FAKE_NVML_CONTROL")
     if ctl and _control is None:
         try:
