@@ -961,7 +961,7 @@ def test_probe_reports_live_and_each_failing_condition(plugin_dir, spawn):
     p.wait_log("health thread died")
     k = Kubelet(plugin_dir).start()
     try:
-        k.wait_registered(2)
+        k.wait_registered(1)
         p.wait_log("restarting the health thread")
         assert probe(plugin_dir).returncode == 0
     finally:
@@ -1053,8 +1053,9 @@ def settle_to(pid, baseline, slack=(0, 0), timeout=10.0):
 
 
 def warmed_baseline(kubelet, p):
-    for _ in range(3):
-        kubelet.allocate([gpu_uuid(0)])
+    """fds and threads once gRPC's bounded worker pool has grown to its size."""
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        list(pool.map(lambda _: kubelet.allocate([gpu_uuid(0)]), range(200)))
     time.sleep(0.3)
     return resources_of(p.proc.pid)
 
