@@ -767,6 +767,8 @@ class DeviceState:
         old = HEALTHY if health.healthy else UNHEALTHY
         health.healthy, health.reason = healthy, reason
         new = HEALTHY if healthy else UNHEALTHY
+        if notify:
+            self._bump()  # streams first: the log line below can wait, the kubelet should not
         gpu = self._gpus.get(uuid)
         ids = [d.id for d in self._layout if d.gpu.uuid == uuid]
         shown = ids if len(ids) <= 4 else ids[:2] + [f"... {len(ids)} devices in all"]
@@ -775,8 +777,6 @@ class DeviceState:
             gpu.index if gpu else "?", old, new, reason, " (stays until restart)" if health.permanent and
             not healthy else "", self._resource, ", ".join(shown))
         self._on_transition(uuid, new, reason)
-        if notify:
-            self._bump()
         return True
 
     def _bump(self) -> None:
@@ -1656,6 +1656,7 @@ class Supervisor:
         self.server: PluginServer | None = None
         self.monitor: HealthMonitor | None = None
         self.health_thread: threading.Thread | None = None
+        self._health_exited = threading.Event()
         self.registered_with: tuple[int, int] | None = None  # kubelet.sock identity
         self.idle_reason: str | None = None
         self._wake_r, self._wake_w = os.pipe()
@@ -1731,6 +1732,10 @@ class Supervisor:
             _LOG.warning("DP_DISABLE_HEALTHCHECKS=all: GPU health is not checked; every GPU stays Healthy")
             return
         self.monitor = HealthMonitor(self.nvml, self.state, self.policy, self.cfg, self.metrics)
+        self._spawn_health_thread()
+
+    def _spawn_health_thread(self) -> None:
+        self._health_exited.clear()
         self.health_thread = threading.Thread(target=self._health_body, name="nvml-health", daemon=True)
         self.health_thread.start()
 
@@ -1741,6 +1746,7 @@ class Supervisor:
         except Exception:  # noqa: BLE001 (whatever killed it, the supervisor restarts it)
             _LOG.exception("health thread died; GPU health is NOT being checked until it restarts")
         finally:
+            self._health_exited.set()
             self._wake()
 
     def stop_health(self) -> None:
@@ -1752,7 +1758,7 @@ class Supervisor:
         self._health_restart_at = None
 
     def _check_health_thread(self, now: float) -> None:
-        if self.monitor is None or self.health_thread is None or self.health_thread.is_alive():
+        if self.monitor is None or not self._health_exited.is_set():
             return
         if self._health_restart_at is None:
             self._health_restart_at = now + self._health_delay
@@ -1766,13 +1772,12 @@ class Supervisor:
             _LOG.warning("restarting the health thread")
             self._health_restart_at = None
             self._health_delay = min(self._health_delay * 2, HEALTH_RESTART_MAX)
-            self.health_thread = threading.Thread(target=self._health_body, name="nvml-health", daemon=True)
-            self.health_thread.start()
+            self._spawn_health_thread()
 
     def health_alive(self) -> tuple[bool, str]:
         if not self.policy.watching:
             return True, "health checks disabled"
-        if self.health_thread is None or not self.health_thread.is_alive() or self.monitor is None:
+        if self.monitor is None or self._health_exited.is_set():
             return False, "health thread is not running"
         if self.monitor.nvml_down_since is not None:
             return False, f"NVML unusable for {time.monotonic() - self.monitor.nvml_down_since:.0f} s"
@@ -1804,7 +1809,7 @@ class Supervisor:
         healthy = sum(1 for d in snap.devices.values() if d.gpu.uuid in snap.healthy_gpus)
         yield "devices", {"resource": self.cfg.resource_name, "health": HEALTHY}, healthy
         yield "devices", {"resource": self.cfg.resource_name, "health": UNHEALTHY}, len(snap.devices) - healthy
-        alive = self.health_thread is not None and self.health_thread.is_alive()
+        alive = self.monitor is not None and not self._health_exited.is_set()
         yield "health_thread_up", {}, 1 if alive else 0
 
     def _on_transition(self, uuid: str, new: str, reason: str) -> None:
@@ -1920,10 +1925,15 @@ class Supervisor:
                 current = socket_identity(self.cfg.kubelet_socket)
                 if current is not None and current == self.registered_with:
                     continue  # the creation we already registered with
-                _LOG.info("kubelet restarted (%s re-created): serving again and re-registering", kubelet_name)
                 self.metrics.inc("kubelet_restarts_total")
                 self.registered_with = None
-                self._need_restart = True
+                if self._fresh_server_ready():
+                    _LOG.info("kubelet restarted (%s re-created): registering our fresh server", kubelet_name)
+                    self._register_at = time.monotonic()
+                    self._register_delay = 0.05
+                else:
+                    _LOG.info("kubelet restarted (%s re-created): serving again and re-registering", kubelet_name)
+                    self._need_restart = True
             elif name == ours and mask & (IN_DELETE | IN_MOVED_FROM):
                 server = self.server
                 if server is not None and server.socket_inode is not None and \
@@ -1935,6 +1945,14 @@ class Supervisor:
                 _LOG.info("our socket %s was deleted (kubelet restart?): serving again and re-registering", ours)
                 self.registered_with = None
                 self._need_restart = True
+
+    def _fresh_server_ready(self) -> bool:
+        """True when our server was restarted after the kubelet's socket clean-up (we saw our
+        socket deleted) and its socket survived: the new kubelet can register it as it is."""
+        server = self.server
+        return (server is not None and not self._need_restart and not server.stopped.is_set()
+                and server.servicer.streams == 0 and server.socket_inode is not None
+                and (socket_identity(self.cfg.socket_path) or (None,))[0] == server.socket_inode)
 
     def _restart_server(self) -> None:
         """Old server first, so the kubelet sees the old stream end before we register anew

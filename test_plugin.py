@@ -1181,6 +1181,58 @@ def test_ten_streams_do_not_block_each_other(kubelet, spawn):
 
 
 # --------------------------------------------------------------------------------------------
+# real GPU: the same behaviour against real NVML; skipped where NVML is absent
+# --------------------------------------------------------------------------------------------
+
+def _real_gpus():
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+    except Exception:  # noqa: BLE001 (no library, no driver, no GPU: all mean "skip")
+        return None
+    try:
+        gpus = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            bus = pynvml.nvmlDeviceGetPciInfo(h).busId
+            bus = bus.decode() if isinstance(bus, bytes) else bus
+            gpus.append({"uuid": pynvml.nvmlDeviceGetUUID(h), "bus_id": bus,
+                         "memory": pynvml.nvmlDeviceGetMemoryInfo(h).total,
+                         "numa": dp.read_numa_node("/sys", bus)})
+        return gpus
+    finally:
+        pynvml.nvmlShutdown()
+
+
+REAL_GPUS = _real_gpus()
+real_gpu = pytest.mark.skipif(not REAL_GPUS, reason="no real NVIDIA GPU / NVML here")
+
+
+@real_gpu
+def test_real_gpu_inventory_registration_allocate_and_quiet_health(kubelet, spawn):
+    p = spawn(fake_nvml=False, args=["--health-probe-interval", "1"])
+    kubelet.wait_registered(1, timeout=30)
+    devices = kubelet.view().devices
+    assert sorted(devices) == sorted(g["uuid"] for g in REAL_GPUS)
+    for gpu in REAL_GPUS:
+        nodes = [n.ID for n in devices[gpu["uuid"]].topology.nodes]
+        assert nodes == ([gpu["numa"]] if gpu["numa"] is not None else [])
+    first = REAL_GPUS[0]["uuid"]
+    assert kubelet.allocate([first]).envs["NVIDIA_VISIBLE_DEVICES"] == first
+    time.sleep(5)  # a few seconds of event waits and probes: no false Unhealthy
+    assert all(d.health == "Healthy" for d in kubelet.view().devices.values()), p.log()
+    print(p.log())
+
+
+@real_gpu
+def test_real_gpu_memory_slices(kubelet, spawn):
+    spawn(fake_nvml=False, args=["--vgpu-memory", "4Gi"])
+    kubelet.wait_registered(1, resource=VGPU, timeout=30)
+    expected = sum(g["memory"] // (4 * GiB) for g in REAL_GPUS)
+    assert kubelet.view(VGPU).capacity == expected
+
+
+# --------------------------------------------------------------------------------------------
 # packaging: the image's layout, without Docker
 # --------------------------------------------------------------------------------------------
 

@@ -77,7 +77,8 @@ class Plugin:
         env.update({"PYTHONPATH": os.pathsep.join(paths), "FAKE_NVML_SCENARIO": scenario_path,
                     "FAKE_NVML_CONTROL": self.control_path, "PYTHONUNBUFFERED": "1"})
         env.update(self.env)
-        cmd = [sys.executable, PLUGIN, "--device-plugin-path", self.plugin_dir, "--sysfs-root", sysfs,
+        sysfs_args = ["--sysfs-root", sysfs] if self.fake_nvml else []  # real NVML: the real /sys
+        cmd = [sys.executable, PLUGIN, "--device-plugin-path", self.plugin_dir, *sysfs_args,
                "--health-probe-interval", "0.2", *self.args]
         if self.isolated_python:
             # -I -S: no PYTHONPATH, no user or system site-packages; only `paths` are importable
