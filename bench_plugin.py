@@ -21,9 +21,10 @@ import time
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(ROOT, "testkit"))
 
-import nvidia_device_plugin as dp  # noqa: E402
 from harness import GiB, Plugin, gpu_uuid, make_gpus  # noqa: E402
 from kubelet import Kubelet  # noqa: E402
+
+import nvidia_device_plugin as dp  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -75,7 +76,7 @@ class Bench:
             p.start()
             ep = k.wait_registered(1, timeout=30)
             times.append(k.register_times[0] - t0)
-            k.wait_for(lambda: ep.updates > 0)
+            k.wait_for(lambda ep=ep: ep.updates > 0)
             lists.append(k.view().last_update - t0)
             p.stop()
             k.stop()
@@ -97,7 +98,7 @@ class Bench:
         for conc in (1, 16):
             lat: list[float] = []
 
-            def one(n: int) -> None:
+            def one(n: int, lat: list[float] = lat) -> None:
                 t = time.perf_counter()
                 k.allocate([ids[n % 8], ids[(n + 3) % 8]])
                 lat.append(time.perf_counter() - t)
@@ -139,10 +140,10 @@ class Bench:
         for n in range(events):
             gpu = n % 8
             target = gpu_uuid(gpu)
-            k.wait_for(lambda: k.view().devices[target].health == "Healthy", 10, "recovery")
+            k.wait_for(lambda t=target: k.view().devices[t].health == "Healthy", 10, "recovery")
             t0 = time.monotonic()
             p.send(op="xid", gpu=gpu, xid=62)
-            k.wait_for(lambda: k.view().devices[target].health == "Unhealthy", 10, "event")
+            k.wait_for(lambda t=target: k.view().devices[t].health == "Unhealthy", 10, "event")
             lat.append(k.view().last_update - t0)
         self.record("health_p50_ms", "XID to kubelet-visible Unhealthy p50", pct(lat, 50) * 1e3, "ms",
                     "(NVIDIA 0.3-0.45)", None)
@@ -162,7 +163,7 @@ class Bench:
             k.start()
             listening = time.monotonic()
             ep = k.wait_registered(n, timeout=10)
-            k.wait_for(lambda: ep.updates > 0)
+            k.wait_for(lambda ep=ep: ep.updates > 0)
             to_register.append(k.register_times[-1] - listening)
             to_list.append(k.view().last_update - listening)
         self.record("restart_register_p50_ms", "kubelet restart to Register p50", pct(to_register, 50) * 1e3, "ms",

@@ -34,9 +34,10 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Mapping, NoReturn, Sequence
+from typing import Any, NoReturn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # stubs and a copied-in pynvml.py
 
@@ -1182,7 +1183,7 @@ def add_memory_limits(resp: Any, plan: AllocationPlan, names: Sequence[str], cfg
     resp.envs["WRAPPER_MAX_MEMORY"] = str(sum(grants))
     for position, granted in enumerate(grants):  # HAMi-core: per visible GPU, in MiB
         resp.envs[f"CUDA_DEVICE_MEMORY_LIMIT_{position}"] = f"{granted // MiB}m"
-    resp.envs["NVIDIA_VGPU_MEMORY_GRANT"] = ",".join(f"{n}={b}" for n, b in zip(names, grants))
+    resp.envs["NVIDIA_VGPU_MEMORY_GRANT"] = ",".join(f"{n}={b}" for n, b in zip(names, grants, strict=True))
     if cfg.vgpu_preload_lib:
         target = f"{PRELOAD_DIR}/{os.path.basename(cfg.vgpu_preload_lib)}"
         resp.mounts.append(api.Mount(container_path=target, host_path=cfg.vgpu_preload_lib, read_only=True))
@@ -1359,7 +1360,7 @@ class Metrics:
                 rows.setdefault(name, []).append(f"nvidia_device_plugin_{name}{fmt(labels)} {value:g}")
             for labels, row in sorted(self._hist.items()):
                 out = rows.setdefault("rpc_duration_seconds", [])
-                for bound, count in zip((*LATENCY_BUCKETS, "+Inf"), row[:-2] + [row[-2]]):
+                for bound, count in zip((*LATENCY_BUCKETS, "+Inf"), row[:-2] + [row[-2]], strict=True):
                     le = bound if isinstance(bound, str) else f"{bound:g}"
                     out.append(f"nvidia_device_plugin_rpc_duration_seconds_bucket{fmt((*labels, ('le', le)))} "
                                f"{count:g}")
@@ -1383,18 +1384,17 @@ class _RpcTimer:
     def __enter__(self) -> None:
         self._start = time.perf_counter()
 
-    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         self._metrics.observe(time.perf_counter() - self._start, method=self._method)
         self._metrics.inc("rpc_calls_total", method=self._method)
         if exc is None:
-            return False
+            return
         code = grpc.StatusCode.INVALID_ARGUMENT if isinstance(exc, AllocationError) else grpc.StatusCode.INTERNAL
         self._metrics.inc("rpc_errors_total", method=self._method, code=code.name)
         _LOG.warning("%s rejected: %s", self._method, exc)
         if not isinstance(exc, AllocationError):
             _LOG.exception("%s failed unexpectedly", self._method)
-        self._context.abort(code, str(exc))
-        return False  # abort raised already
+        self._context.abort(code, str(exc))  # raises: gRPC answers with this status
 
 
 def status_socket_name(cfg: Config) -> bytes:
@@ -1616,7 +1616,7 @@ class DirectoryWatch:
         return self.watching
 
     def read(self) -> list[tuple[str, int]]:
-        events = []
+        events: list[tuple[str, int]] = []
         while True:
             try:
                 data = os.read(self.fd, 65536)

@@ -24,11 +24,11 @@ import pytest
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(ROOT, "testkit"))
 
-import device_plugin_pb2 as api  # noqa: E402
-import device_plugin_pb2_grpc as api_grpc  # noqa: E402
-import nvidia_device_plugin as dp  # noqa: E402
 from harness import GiB, Plugin, gpu_uuid, make_gpus, run_plugin_cli  # noqa: E402
 from kubelet import Kubelet  # noqa: E402
+
+import device_plugin_pb2 as api  # noqa: E402
+import nvidia_device_plugin as dp  # noqa: E402
 
 GPU = "nvidia.com/gpu"
 VGPU = "nvidia.com/vgpu"
@@ -113,8 +113,8 @@ def test_committed_stubs_match_the_regeneration_command(tmp_path):
         pytest.skip("grpcio-tools 1.62.3 not installed (see requirements-stubgen.txt)")
     shutil.copy(os.path.join(ROOT, "device_plugin.proto"), tmp_path)
     subprocess.run([python, "-m", "grpc_tools.protoc", "-I.", "--python_out=.", "--grpc_python_out=.",
-                    "device_plugin.proto"], cwd=tmp_path, check=True)
-    for name in ("device_plugin_pb2.py", "device_plugin_pb2_grpc.py"):
+                    "--pyi_out=.", "device_plugin.proto"], cwd=tmp_path, check=True)
+    for name in ("device_plugin_pb2.py", "device_plugin_pb2_grpc.py", "device_plugin_pb2.pyi"):
         with open(os.path.join(ROOT, name)) as committed, open(tmp_path / name) as fresh:
             assert committed.read() == fresh.read(), f"{name} differs from the regenerated one"
 
@@ -472,7 +472,7 @@ def test_each_application_xid_ignored_and_each_fatal_xid_marks_only_its_gpu(kube
     log = p.log()
     for xid in (13, 31, 43, 45, 68, 109):
         assert f"XID {xid} ignored" in log
-    assert f"XID 79" in log and "stays until restart" in log
+    assert "XID 79" in log and "stays until restart" in log
 
 
 def test_disable_and_enable_env_through_the_plugin(kubelet, spawn):
@@ -880,7 +880,8 @@ def test_cdi_kind_and_annotation_prefix(kubelet, spawn):
                 "--cdi-annotation-prefix", "custom.cdi/"])
     kubelet.wait_registered(1)
     resp = kubelet.allocate([gpu_uuid(0)])
-    assert dict(resp.annotations) == {"custom.cdi/nvidia-device-plugin_gpu": f"k8s.device-plugin.nvidia.com/gpu={gpu_uuid(0)}"}
+    name = f"k8s.device-plugin.nvidia.com/gpu={gpu_uuid(0)}"
+    assert dict(resp.annotations) == {"custom.cdi/nvidia-device-plugin_gpu": name}
     assert [c.name for c in resp.cdi_devices] == [f"k8s.device-plugin.nvidia.com/gpu={gpu_uuid(0)}"]
     assert not resp.envs and not resp.devices
 
