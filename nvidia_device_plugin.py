@@ -711,7 +711,22 @@ def list_and_watch_response(layout: Sequence[AdvertisedDevice], healthy: Callabl
     return api.ListAndWatchResponse(devices=devices)
 
 
+@dataclass(frozen=True)
+class Transition:
+    """One GPU's health change, logged and counted once the state lock is released."""
+    uuid: str
+    index: int | None
+    old: str
+    new: str
+    reason: str
+    permanent: bool
+    device_ids: tuple[str, ...]
+
+
 class DeviceState:
+    """Health per physical GPU, the advertised layout derived from it, and a version that
+    ListAndWatch streams wait on. Every method is thread-safe."""
+
     def __init__(self, resource: str, slice_bytes: int, on_transition: Callable[[str, str, str], None]) -> None:
         self._resource = resource
         self._slice_bytes = slice_bytes
@@ -728,15 +743,16 @@ class DeviceState:
         stays advertised as Unhealthy, so capacity shows the loss instead of hiding it."""
         with self._cond:
             fresh = {g.uuid: g for g in gpus}
-            for uuid, old in self._gpus.items():
-                if uuid not in fresh:
-                    fresh[uuid] = old
-                    self._set(uuid, False, "no longer enumerated by NVML", permanent=True, notify=False)
+            gone = [uuid for uuid in self._gpus if uuid not in fresh]
+            for uuid in gone:
+                fresh[uuid] = self._gpus[uuid]
             for uuid in fresh:
                 self._health.setdefault(uuid, GpuHealth())
             self._gpus = dict(sorted(fresh.items(), key=lambda kv: kv[1].index))
             self._layout = build_layout(list(self._gpus.values()), self._slice_bytes)
+            changes = [self._set(uuid, False, "no longer enumerated by NVML", permanent=True) for uuid in gone]
             self._bump()
+        self._report(changes)
 
     @property
     def gpus(self) -> list[GpuInfo]:
@@ -750,35 +766,45 @@ class DeviceState:
 
     def mark_unhealthy(self, uuid: str, reason: str, permanent: bool = False) -> bool:
         with self._cond:
-            return self._set(uuid, False, reason, permanent)
+            change = self._set(uuid, False, reason, permanent)
+            if change:
+                self._bump()
+        self._report([change])  # after the lock: streams send first, the log line can wait
+        return change is not None
 
     def mark_healthy(self, uuid: str, reason: str) -> bool:
         with self._cond:
-            if self._health[uuid].permanent:
-                return False
-            return self._set(uuid, True, reason)
+            change = None if self._health[uuid].permanent else self._set(uuid, True, reason)
+            if change:
+                self._bump()
+        self._report([change])
+        return change is not None
 
-    def _set(self, uuid: str, healthy: bool, reason: str, permanent: bool = False, notify: bool = True) -> bool:
+    def _set(self, uuid: str, healthy: bool, reason: str, permanent: bool = False) -> Transition | None:
         health = self._health.setdefault(uuid, GpuHealth())
         if not healthy:
             health.last_failure = time.monotonic()
             health.permanent = health.permanent or permanent
         if health.healthy == healthy:
-            return False
+            return None
         old = HEALTHY if health.healthy else UNHEALTHY
         health.healthy, health.reason = healthy, reason
-        new = HEALTHY if healthy else UNHEALTHY
-        if notify:
-            self._bump()  # streams first: the log line below can wait, the kubelet should not
         gpu = self._gpus.get(uuid)
-        ids = [d.id for d in self._layout if d.gpu.uuid == uuid]
-        shown = ids if len(ids) <= 4 else ids[:2] + [f"... {len(ids)} devices in all"]
-        log = _LOG.warning if not healthy else _LOG.info
-        log("GPU %s (index %s): %s -> %s: %s%s; resource %s devices: %s", uuid,
-            gpu.index if gpu else "?", old, new, reason, " (stays until restart)" if health.permanent and
-            not healthy else "", self._resource, ", ".join(shown))
-        self._on_transition(uuid, new, reason)
-        return True
+        return Transition(uuid, gpu.index if gpu else None, old, HEALTHY if healthy else UNHEALTHY, reason,
+                          health.permanent, tuple(d.id for d in self._layout if d.gpu.uuid == uuid))
+
+    def _report(self, changes: Iterable[Transition | None]) -> None:
+        for t in changes:
+            if t is None:
+                continue
+            ids = list(t.device_ids)
+            shown = ids if len(ids) <= 4 else ids[:2] + [f"... {len(ids)} devices in all"]
+            log = _LOG.warning if t.new == UNHEALTHY else _LOG.info
+            log("GPU %s (index %s): %s -> %s: %s%s; resource %s devices: %s", t.uuid,
+                "?" if t.index is None else t.index, t.old, t.new, t.reason,
+                " (stays until restart)" if t.permanent and t.new == UNHEALTHY else "",
+                self._resource, ", ".join(shown))
+            self._on_transition(t.uuid, t.new, t.reason)
 
     def _bump(self) -> None:
         self._version += 1
@@ -1678,7 +1704,7 @@ class Supervisor:
     # -- inventory ------------------------------------------------------------------------
 
     def load_inventory(self) -> bool:
-        """Initialise NVML (first time) and enumerate. False: idle (nothing to advertise)."""
+        """Enumerate and adopt the GPUs. False: idle (nothing to advertise)."""
         try:
             gpus = enumerate_gpus(self.nvml, self.cfg.sysfs_root)
         except pynvml.NVMLError as exc:

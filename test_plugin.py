@@ -127,7 +127,8 @@ def test_method_paths_are_the_kubelets():
                  "/v1beta1.DevicePlugin/Allocate", "/v1beta1.DevicePlugin/PreStartContainer"):
         assert f"'{path}'" in source
     services = api.DESCRIPTOR.services_by_name
-    assert services["DevicePlugin"].methods_by_name["ListAndWatch"].server_streaming
+    assert "self.ListAndWatch = channel.unary_stream(" in source  # the one server-streaming RPC
+    assert source.count("channel.unary_unary(") == 5
     assert services["Registration"].full_name == "v1beta1.Registration"
 
 
@@ -300,6 +301,17 @@ def test_sighup_re_enumerates_and_keeps_health(kubelet, spawn):
     p.wait_log("SIGHUP: re-enumerating")
     assert healthy_map(kubelet)[gpu_uuid(1)] == "Unhealthy"
     assert kubelet.view().capacity == 4 and kubelet.view().allocatable == 3
+
+
+def test_sighup_keeps_a_gpu_that_vanished_as_unhealthy(kubelet, spawn):
+    p = spawn(args=["--health-probe-interval", "30"])
+    kubelet.wait_registered(1)
+    p.send(op="remove_last")
+    p.signal(signal.SIGHUP)
+    kubelet.wait_registered(2)
+    health = healthy_map(kubelet)
+    assert len(health) == 4 and health[gpu_uuid(3)] == "Unhealthy"
+    assert "no longer enumerated by NVML" in p.log()
 
 
 def test_sigterm_removes_the_socket_and_exits_zero(kubelet, spawn, plugin_dir):

@@ -137,6 +137,8 @@ def _apply(cmd: dict) -> None:
         _state["events"].extend((g, nvmlEventTypeXidCriticalError, x) for g, x in cmd["events"])
     elif op == "event":
         _state["events"].append((cmd["gpu"], cmd["type"], cmd.get("data", 0)))
+    elif op == "remove_last":
+        _scenario["gpus"].pop()
     elif op == "lose":
         _state["lost"].add(cmd["gpu"])
     elif op == "restore":
