@@ -322,7 +322,7 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str]) -> Config:
     def absolute(text: str) -> str:
         if not text.startswith("/"):
             raise ValueError("an absolute path")
-        return text
+        return os.path.normpath(text)
 
     def never_recover(text: str) -> frozenset[int]:
         return frozenset(parse_int_list(text))
@@ -1625,20 +1625,29 @@ STREAM_LOST_GRACE = 1.0
 
 
 class DirectoryWatch:
-    """inotify on one directory through ctypes; yields (name, mask) for entries created or
-    removed, plus ("", IN_IGNORED) when the directory itself went away."""
+    """inotify through ctypes on the directories holding our socket and kubelet.sock (one
+    directory, normally). read() gives (path, mask) for entries created or removed, and
+    (directory, IN_IGNORED) when a watched directory itself went away."""
 
-    def __init__(self, directory: str) -> None:
-        self._dir = directory
+    def __init__(self, directories: Iterable[str]) -> None:
+        self._dirs = list(dict.fromkeys(directories))
         self._libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         self.fd = self._libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
         if self.fd < 0:
             raise OSError(ctypes.get_errno(), "inotify_init1 failed")
-        self.watching = False
+        self._by_wd: dict[int, str] = {}
+
+    @property
+    def watching(self) -> bool:
+        return len(self._by_wd) == len(self._dirs)
 
     def arm(self) -> bool:
+        """Watch every directory not yet watched; False while one of them is missing."""
         mask = IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO | IN_DELETE_SELF | IN_MOVE_SELF
-        self.watching = self._libc.inotify_add_watch(self.fd, self._dir.encode(), mask) >= 0
+        for directory in set(self._dirs) - set(self._by_wd.values()):
+            wd = self._libc.inotify_add_watch(self.fd, directory.encode(), mask)
+            if wd >= 0:
+                self._by_wd[wd] = directory
         return self.watching
 
     def read(self) -> list[tuple[str, int]]:
@@ -1650,14 +1659,17 @@ class DirectoryWatch:
                 return events
             offset = 0
             while offset < len(data):
-                _, mask, _, length = _EVENT_HEADER.unpack_from(data, offset)
+                wd, mask, _, length = _EVENT_HEADER.unpack_from(data, offset)
                 raw = data[offset + _EVENT_HEADER.size: offset + _EVENT_HEADER.size + length]
                 offset += _EVENT_HEADER.size + length
+                directory = self._by_wd.get(wd)
+                if directory is None:
+                    continue
                 if mask & (IN_DELETE_SELF | IN_MOVE_SELF | IN_IGNORED):
-                    self.watching = False
-                    events.append(("", IN_IGNORED))
+                    del self._by_wd[wd]
+                    events.append((directory, IN_IGNORED))
                 else:
-                    events.append((raw.rstrip(b"\0").decode(errors="replace"), mask))
+                    events.append((os.path.join(directory, raw.rstrip(b"\0").decode(errors="replace")), mask))
 
     def close(self) -> None:
         os.close(self.fd)
@@ -1877,7 +1889,7 @@ class Supervisor:
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
-        watch = DirectoryWatch(self.cfg.plugin_dir)
+        watch = DirectoryWatch([self.cfg.plugin_dir, os.path.dirname(self.cfg.kubelet_socket)])
         try:
             return self._loop(watch)
         finally:
@@ -1899,7 +1911,8 @@ class Supervisor:
                 active = self._reload()
             if not watch.watching and not watch.arm():
                 if not self._waiting_logged:
-                    _LOG.warning("directory %s does not exist; waiting for it", self.cfg.plugin_dir)
+                    _LOG.warning("directory %s (or that of %s) does not exist; waiting for it",
+                                 self.cfg.plugin_dir, self.cfg.kubelet_socket)
                     self._waiting_logged = True
             if not active and self._nvml_retry_at is not None and now >= self._nvml_retry_at:
                 active = self.init_nvml() and self.load_inventory()
@@ -1941,13 +1954,12 @@ class Supervisor:
 
     def _on_dir_events(self, events: list[tuple[str, int]]) -> None:
         kubelet_name = os.path.basename(self.cfg.kubelet_socket)
-        ours = os.path.basename(self.cfg.socket_path)
-        for name, mask in events:
-            if name == "" and mask & IN_IGNORED:
-                _LOG.warning("directory %s went away; re-watching once it exists", self.cfg.plugin_dir)
+        for path, mask in events:
+            if mask & IN_IGNORED:
+                _LOG.warning("directory %s went away; re-watching once it exists", path)
                 self.registered_with = None
                 self._need_restart = True
-            elif name == kubelet_name and mask & (IN_CREATE | IN_MOVED_TO):
+            elif path == self.cfg.kubelet_socket and mask & (IN_CREATE | IN_MOVED_TO):
                 current = socket_identity(self.cfg.kubelet_socket)
                 if current is not None and current == self.registered_with:
                     continue  # the creation we already registered with
@@ -1960,25 +1972,26 @@ class Supervisor:
                 else:
                     _LOG.info("kubelet restarted (%s re-created): serving again and re-registering", kubelet_name)
                     self._need_restart = True
-            elif name == ours and mask & (IN_DELETE | IN_MOVED_FROM):
+            elif path == self.cfg.socket_path and mask & (IN_DELETE | IN_MOVED_FROM):
                 server = self.server
-                if server is not None and server.socket_inode is not None and \
-                        os.path.exists(self.cfg.socket_path) and \
-                        os.stat(self.cfg.socket_path).st_ino == server.socket_inode:
-                    continue  # our own clean-up of an earlier socket
-                if server is None or server.stopped.is_set():
-                    continue
-                _LOG.info("our socket %s was deleted (kubelet restart?): serving again and re-registering", ours)
+                if server is None or server.stopped.is_set() or self._our_socket_intact():
+                    continue  # no server, or our own clean-up of an earlier socket
+                _LOG.info("our socket %s was deleted (kubelet restart?): serving again and re-registering",
+                          self.cfg.socket_path)
                 self.registered_with = None
                 self._need_restart = True
+
+    def _our_socket_intact(self) -> bool:
+        """The socket file on disk is the one our current server listens on."""
+        identity = socket_identity(self.cfg.socket_path)
+        return self.server is not None and identity is not None and identity[0] == self.server.socket_inode
 
     def _fresh_server_ready(self) -> bool:
         """True when our server was restarted after the kubelet's socket clean-up (we saw our
         socket deleted) and its socket survived: the new kubelet can register it as it is."""
         server = self.server
         return (server is not None and not self._need_restart and not server.stopped.is_set()
-                and server.servicer.streams == 0 and server.socket_inode is not None
-                and (socket_identity(self.cfg.socket_path) or (None,))[0] == server.socket_inode)
+                and server.servicer.streams == 0 and self._our_socket_intact())
 
     def _restart_server(self) -> None:
         """Old server first, so the kubelet sees the old stream end before we register anew
@@ -2083,7 +2096,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     supervisor = Supervisor(cfg, nvml, policy, metrics)
     status = StatusEndpoints(cfg, supervisor.liveness, metrics)
     try:
-        status.start()
+        try:
+            status.start()
+        except OSError as exc:
+            raise ConfigError(f"--health-port {cfg.health_port}: cannot listen on "
+                              f"{cfg.health_address}:{cfg.health_port} ({exc.strerror or exc})") from exc
         return supervisor.run()
     except ConfigError as exc:
         _LOG.error("%s", exc)

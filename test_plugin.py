@@ -325,6 +325,33 @@ def test_sigterm_removes_the_socket_and_exits_zero(kubelet, spawn, plugin_dir):
     kubelet.wait_for(lambda: kubelet.view().allocatable == 0, what="stream end seen by the kubelet")
 
 
+def test_kubelet_socket_in_another_directory(workdir, spawn):
+    kubelet_dir = os.path.join(workdir, "kubelet")
+    k = Kubelet(os.path.join(workdir, "dp"))
+    k.socket = os.path.join(kubelet_dir, "kubelet.sock")  # a kubelet.sock outside the plugin dir
+    os.makedirs(kubelet_dir)
+    k.start()
+    try:
+        spawn(args=["--kubelet-socket", k.socket])
+        k.wait_registered(1)
+        os.unlink(k.socket)
+        k.restart()  # re-created in its own directory: noticed there too
+        k.wait_registered(2)
+    finally:
+        k.stop()
+
+
+def test_health_port_in_use_exits_2(plugin_dir):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        result = run_plugin_cli(["--device-plugin-path", plugin_dir, "--simulate", "1", "--health-port", str(port),
+                                 "--health-address", "127.0.0.1"], fake_nvml=False)
+    assert result.returncode == 2
+    assert f"--health-port {port}: cannot listen on 127.0.0.1:{port}" in result.stderr
+
+
 def test_sigint_exits_zero(kubelet, spawn):
     p = spawn()
     kubelet.wait_registered(1)
