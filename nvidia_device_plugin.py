@@ -856,7 +856,8 @@ class DeviceState:
 #   --health-recovery, quiet period passed     -> recoverable GPU back to Healthy
 # ############################################################################################
 
-HEALTH_WAIT_MS = 1000
+HEALTH_WAIT_MS = 5000  # as NVIDIA's; also bounds how long stopping the thread takes
+HEALTH_STALL_LIMIT = HEALTH_WAIT_MS / 1000 + 5.0  # no heartbeat for this long: an NVML call hangs
 NVML_RETRY_MAX = 30.0
 _SKIP_CODES = (pynvml.NVML_ERROR_NOT_SUPPORTED, pynvml.NVML_ERROR_FUNCTION_NOT_FOUND)
 
@@ -1787,13 +1788,18 @@ class Supervisor:
             self._health_exited.set()
             self._wake()
 
-    def stop_health(self) -> None:
+    def stop_health(self, timeout: float) -> bool:
+        """Stop the health thread; False if it is stuck in an NVML call past `timeout` (it
+        keeps its monitor then, and the supervisor restarts it once the call returns)."""
         if self.monitor is not None:
             self.monitor.stop()
         if self.health_thread is not None:
-            self.health_thread.join(HEALTH_WAIT_MS / 1000 * 3 + 2)
+            self.health_thread.join(timeout)
+            if self.health_thread.is_alive():
+                return False
         self.monitor = self.health_thread = None
         self._health_restart_at = None
+        return True
 
     def _check_health_thread(self, now: float) -> None:
         if self.monitor is None or not self._health_exited.is_set():
@@ -1820,8 +1826,7 @@ class Supervisor:
         if self.monitor.nvml_down_since is not None:
             return False, f"NVML unusable for {time.monotonic() - self.monitor.nvml_down_since:.0f} s"
         stalled = time.monotonic() - self.monitor.heartbeat
-        limit = max(5.0, HEALTH_WAIT_MS / 1000 * 3)
-        if stalled > limit:
+        if stalled > HEALTH_STALL_LIMIT:
             return False, f"health thread stalled for {stalled:.0f} s (an NVML call hangs?)"
         return True, "health thread alive"
 
@@ -2044,7 +2049,13 @@ class Supervisor:
                   len(snap.devices), len(snap.gpus), unhealthy)
 
     def _reload(self) -> bool:
-        self.stop_health()
+        if not self.stop_health(HEALTH_WAIT_MS / 1000 + 2):
+            _LOG.error("SIGHUP: the health thread is stuck in an NVML call; registering again without "
+                       "re-enumerating")
+            self._same_kubelet = self.registered_with is not None
+            self.registered_with = None
+            self._need_restart = True
+            return not self.idle_reason
         try:
             if self.idle_reason and not self.init_nvml():
                 return False
@@ -2063,7 +2074,9 @@ class Supervisor:
         if self.server is not None:
             self.server.stop()
             self.server = None
-        self.stop_health()
+        if not self.stop_health(1.0):
+            _LOG.warning("health thread still inside NVML; exiting without nvmlShutdown")
+            return
         try:
             self.nvml.nvmlShutdown()
         except pynvml.NVMLError:

@@ -1011,15 +1011,15 @@ def test_probe_reports_live_and_each_failing_condition(plugin_dir, spawn):
 def test_probe_reports_a_stalled_health_thread(kubelet, spawn):
     p = spawn()
     kubelet.wait_registered(1)
-    p.send(op="hang", fn="nvmlEventSetWait", seconds=7)
-    deadline = time.monotonic() + 9
+    p.send(op="hang", fn="nvmlEventSetWait", seconds=12)
+    deadline = time.monotonic() + 14
     result = probe(kubelet.dir)
     while "stalled" not in result.stdout and time.monotonic() < deadline:
         time.sleep(0.2)
         result = probe(kubelet.dir)
     assert result.returncode == 1 and "health thread stalled" in result.stdout
     assert kubelet.allocate([gpu_uuid(0)]).envs  # serving goes on while NVML hangs
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 6
     while probe(kubelet.dir).returncode != 0:
         assert time.monotonic() < deadline, "never live again after the hang"
         time.sleep(0.2)
