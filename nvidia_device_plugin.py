@@ -764,6 +764,11 @@ class DeviceState:
             h = self._health[uuid]
             return GpuHealth(h.healthy, h.reason, h.permanent, h.last_failure)
 
+    def unhealthy(self) -> list[tuple[str, str]]:
+        """(uuid, reason) of every Unhealthy GPU, for logs that must stand on their own."""
+        with self._cond:
+            return [(u, h.reason) for u, h in self._health.items() if not h.healthy and u in self._gpus]
+
     def mark_unhealthy(self, uuid: str, reason: str, permanent: bool = False) -> bool:
         with self._cond:
             change = self._set(uuid, False, reason, permanent)
@@ -918,8 +923,8 @@ class HealthMonitor:
         self._event_set = self._nvml.nvmlEventSetCreate()
         registered = 0
         for gpu in self._state.gpus:
-            if not self._state.health_of(gpu.uuid).healthy and self._state.health_of(gpu.uuid).permanent:
-                continue
+            if self._state.health_of(gpu.uuid).permanent:
+                continue  # broken for good: nothing to watch
             try:
                 handle = self._nvml.nvmlDeviceGetHandleByUUID(gpu.uuid)
                 supported = self._nvml.nvmlDeviceGetSupportedEventTypes(handle) & wanted
@@ -2044,9 +2049,10 @@ class Supervisor:
         self._register_at = None
         self._waiting_logged = False
         snap = self.state.snapshot()
-        unhealthy = len(snap.gpus) - len(snap.healthy_gpus)
-        _LOG.info("registered %s with the kubelet: %d devices on %d GPUs (%d unhealthy)", self.cfg.resource_name,
-                  len(snap.devices), len(snap.gpus), unhealthy)
+        unhealthy = self.state.unhealthy()
+        _LOG.info("registered %s with the kubelet: %d devices on %d GPUs (%d unhealthy%s)", self.cfg.resource_name,
+                  len(snap.devices), len(snap.gpus), len(unhealthy),
+                  "".join(f"; {uuid}: {reason}" for uuid, reason in unhealthy))
 
     def _reload(self) -> bool:
         if not self.stop_health(HEALTH_WAIT_MS / 1000 + 2):
@@ -2074,8 +2080,10 @@ class Supervisor:
         if self.server is not None:
             self.server.stop()
             self.server = None
-        if not self.stop_health(1.0):
-            _LOG.warning("health thread still inside NVML; exiting without nvmlShutdown")
+        if not self.stop_health(0.2):
+            # It sits in an event wait of up to 5 s. Shutting NVML down under it could crash;
+            # process exit releases NVML just as well.
+            _LOG.debug("health thread still inside NVML; exiting without nvmlShutdown")
             return
         try:
             self.nvml.nvmlShutdown()

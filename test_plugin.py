@@ -260,6 +260,7 @@ def test_kubelet_restart_keeps_gpu_health(kubelet, spawn):
     kubelet.wait_registered(2)
     assert healthy_map(kubelet)[gpu_uuid(2)] == "Unhealthy"
     assert kubelet.view().allocatable == 3
+    assert f"(1 unhealthy; {gpu_uuid(2)}: XID 79)" in p.log()
 
 
 def test_kubelet_absent_at_start_then_appearing(plugin_dir, spawn):
