@@ -64,10 +64,10 @@ class Bench:
         verdict = "" if ok is None else ("ok" if ok else "MISSED")
         self.rows.append((label, f"{value:.3f} {unit}", target, verdict))
 
-    def start(self, name: str, gpus: list[dict], args: list[str] = (), kubelet: Kubelet | None = None):
+    def start(self, name: str, gpus: list[dict], args: list[str] = ()):
         plugin_dir = os.path.join(self.dir, name, "dp")
         os.makedirs(plugin_dir)
-        k = kubelet or Kubelet(plugin_dir).start()
+        k = Kubelet(plugin_dir).start()
         p = Plugin(os.path.join(self.dir, name, "p"), plugin_dir, {"gpus": gpus},
                    ["--log-level", "warning", *args])
         return k, p

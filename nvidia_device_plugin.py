@@ -1423,8 +1423,9 @@ class _RpcTimer:
             return
         code = grpc.StatusCode.INVALID_ARGUMENT if isinstance(exc, AllocationError) else grpc.StatusCode.INTERNAL
         self._metrics.inc("rpc_errors_total", method=self._method, code=code.name)
-        _LOG.warning("%s rejected: %s", self._method, exc)
-        if not isinstance(exc, AllocationError):
+        if isinstance(exc, AllocationError):
+            _LOG.warning("%s rejected: %s", self._method, exc)
+        else:
             _LOG.exception("%s failed unexpectedly", self._method)
         self._context.abort(code, str(exc))  # raises: gRPC answers with this status
 
@@ -1555,8 +1556,7 @@ class PluginServer:
             raise OSError(f"cannot listen on {path}")
         self._server.start()
         self.socket_inode = os.stat(path).st_ino
-        with grpc.insecure_channel(f"unix://{path}") as channel:
-            api_grpc.DevicePluginStub(channel).GetDevicePluginOptions(api.Empty(), timeout=10, wait_for_ready=True)
+        self._ask_options(timeout=10, wait_for_ready=True)
         _LOG.info("serving %s on %s", self._cfg.resource_name, path)
 
     def stop(self) -> None:
@@ -1575,11 +1575,16 @@ class PluginServer:
 
     def answers(self) -> bool:
         try:
-            with grpc.insecure_channel(f"unix://{self._cfg.socket_path}") as channel:
-                api_grpc.DevicePluginStub(channel).GetDevicePluginOptions(api.Empty(), timeout=2)
+            self._ask_options(timeout=2, wait_for_ready=False)
             return True
         except grpc.RpcError:
             return False
+
+    def _ask_options(self, timeout: float, wait_for_ready: bool) -> None:
+        """Call our own server as the kubelet would; raises grpc.RpcError if it does not answer."""
+        with grpc.insecure_channel(f"unix://{self._cfg.socket_path}") as channel:
+            api_grpc.DevicePluginStub(channel).GetDevicePluginOptions(api.Empty(), timeout=timeout,
+                                                                      wait_for_ready=wait_for_ready)
 
     def register(self) -> None:
         """Register with the kubelet; raises grpc.RpcError with the kubelet's reason."""
@@ -1906,10 +1911,15 @@ class Supervisor:
             watch.close()
             self.shutdown()
 
-    def _loop(self, watch: DirectoryWatch) -> int:
+    def _activate(self) -> bool:
+        """NVML up, GPUs enumerated, health thread running; False while idle."""
         active = self.init_nvml() and self.load_inventory()
         if active:
             self.start_health()
+        return active
+
+    def _loop(self, watch: DirectoryWatch) -> int:
+        active = self._activate()
         while True:
             now = time.monotonic()
             while self._signals:
@@ -1925,9 +1935,7 @@ class Supervisor:
                                  self.cfg.plugin_dir, self.cfg.kubelet_socket)
                     self._waiting_logged = True
             if not active and self._nvml_retry_at is not None and now >= self._nvml_retry_at:
-                active = self.init_nvml() and self.load_inventory()
-                if active:
-                    self.start_health()
+                active = self._activate()
             if active:
                 self._check_health_thread(now)
                 self._check_streams_lost(now)
@@ -2058,9 +2066,7 @@ class Supervisor:
         if not self.stop_health(HEALTH_WAIT_MS / 1000 + 2):
             _LOG.error("SIGHUP: the health thread is stuck in an NVML call; registering again without "
                        "re-enumerating")
-            self._same_kubelet = self.registered_with is not None
-            self.registered_with = None
-            self._need_restart = True
+            self._serve_and_register_again()
             return not self.idle_reason
         try:
             if self.idle_reason and not self.init_nvml():
@@ -2071,10 +2077,13 @@ class Supervisor:
             active = bool(self.state.gpus)
         if active:
             self.start_health()
-            self._same_kubelet = self.registered_with is not None
-            self.registered_with = None
-            self._need_restart = True
+            self._serve_and_register_again()
         return active
+
+    def _serve_and_register_again(self) -> None:
+        self._same_kubelet = self.registered_with is not None
+        self.registered_with = None
+        self._need_restart = True
 
     def shutdown(self) -> None:
         if self.server is not None:

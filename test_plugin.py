@@ -1287,15 +1287,9 @@ def test_image_layout_runs_with_only_the_target_directory(kubelet, spawn):
     os.makedirs(app, exist_ok=True)
     for name in ("nvidia_device_plugin.py", "device_plugin_pb2.py", "device_plugin_pb2_grpc.py"):
         shutil.copy(os.path.join(ROOT, name), app)
-    p = Plugin(os.path.join(kubelet.dir, "..", "img"), kubelet.dir, {"gpus": []},
-               ["--simulate", "2"], fake_nvml=False, python_path=[target], isolated_python=True)
-    import harness
-    p_plugin = harness.PLUGIN
-    harness.PLUGIN = os.path.join(app, "nvidia_device_plugin.py")
-    try:
-        p.start()
-    finally:
-        harness.PLUGIN = p_plugin
+    p = Plugin(os.path.join(kubelet.dir, "..", "img"), kubelet.dir, {"gpus": []}, ["--simulate", "2"],
+               fake_nvml=False, python_path=[target], isolated_python=True,
+               script=os.path.join(app, "nvidia_device_plugin.py")).start()
     try:
         kubelet.wait_registered(1)
         ids = sorted(kubelet.view().devices)

@@ -55,6 +55,7 @@ class Plugin:
     fake_nvml: bool = True
     python_path: list[str] = field(default_factory=list)
     isolated_python: bool = False
+    script: str = PLUGIN  # another copy of the plugin, e.g. the image layout's
     proc: subprocess.Popen | None = None
 
     @property
@@ -78,7 +79,7 @@ class Plugin:
                     "FAKE_NVML_CONTROL": self.control_path, "PYTHONUNBUFFERED": "1"})
         env.update(self.env)
         sysfs_args = ["--sysfs-root", sysfs] if self.fake_nvml else []  # real NVML: the real /sys
-        cmd = [sys.executable, PLUGIN, "--device-plugin-path", self.plugin_dir, *sysfs_args,
+        cmd = [sys.executable, self.script, "--device-plugin-path", self.plugin_dir, *sysfs_args,
                "--health-probe-interval", "0.2", *self.args]
         if self.isolated_python:
             # -I -S: no PYTHONPATH, no user or system site-packages; only `paths` are importable
